@@ -218,6 +218,10 @@ class Hyperparameters:
             if not ok:
                 raise ConfigError(message)
 
+        if self.use_universal:
+            need(self.universal_unique_blocks <= self.effective_layers,
+                 f"UNIVERSAL_UNIQUE_BLOCKS={self.universal_unique_blocks} is larger than the {self.effective_layers} effective layers "
+                 f"(UNIVERSAL_UNIQUE_BLOCKS x UNIVERSAL_ITERATIONS); set UNIVERSAL_ITERATIONS to 1 or more")
         positive = ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "UNIVERSAL_UNIQUE_BLOCKS",
                     "UNIVERSAL_ITERATIONS", "TRAIN_BATCH_TOKENS", "TRAIN_SEQ_LEN", "EVAL_SEQ_LEN", "EVAL_STRIDE",
                     "MUON_BACKEND_STEPS", "GPTQ_BLOCK", "VAL_BATCH_SIZE", "LOGIT_SOFTCAP", "NGRAM_BUCKETS", "KNN_K", "KNN_TEMP")
@@ -231,9 +235,6 @@ class Hyperparameters:
         head_dim = self.model_dim // self.num_heads
         need(self.rope_dims % 2 == 0 and 0 <= self.rope_dims <= head_dim,
              f"ROPE_DIMS={self.rope_dims} must be even and between 0 and the head size {head_dim}")
-        if self.use_universal:
-            need(self.universal_unique_blocks <= self.effective_layers,
-                 f"UNIVERSAL_UNIQUE_BLOCKS={self.universal_unique_blocks} is larger than the {self.effective_layers} effective layers")
         need(0 <= self.xsa_last_n <= self.effective_layers,
              f"XSA_LAST_N={self.xsa_last_n} must be between 0 and the {self.effective_layers} effective layers")
         self.ve_layer_indices()
@@ -604,7 +605,9 @@ class SmearGate(nn.Module):
 
     def forward(self, x: Tensor, ids: Tensor) -> Tensor:
         prev = F.pad(x[:, :-1], (0, 0, 1, 0))
-        prev = prev * (ids != BOS_ID).unsqueeze(-1).to(x.dtype)
+        starts = (ids == BOS_ID).unsqueeze(-1)
+        starts[:, 0] = True
+        prev = torch.where(starts, x, prev)  # a document start blends with itself, i.e. stays as it is
         return torch.lerp(x, prev, torch.sigmoid(self.gate).to(x.dtype))
 
 
@@ -1382,10 +1385,10 @@ def train(args: Hyperparameters, rt: Runtime, log: RunLog, train_files: list[str
         train_step(step_model, loader, optimizers, args, rt, 1.0, 0)
         if warm + 1 == args.warmup_steps or (warm + 1) % 10 == 0:
             log(f"warmup_step:{warm + 1}/{args.warmup_steps}")
-    quant_estimate = estimate_quant_seconds(model, args, rt, train_files)
     model.load_state_dict(initial_state)
     for opt, state in zip(optimizers, initial_optimizers):
         opt.load_state_dict(state)
+    quant_estimate = estimate_quant_seconds(model, args, rt, train_files)
     loader = TrainLoader(train_files, rt.rank, rt.world, rt.device)
 
     budget_ms = None
@@ -1589,8 +1592,14 @@ def main() -> int:
               f"bytes_total_upper_estimate:{estimate + code_bytes} limit:{args.artifact_limit_bytes}")
         return 0
 
+    log_path = os.path.join("logs", f"{args.run_id}.txt")
+    if os.path.exists(log_path):
+        if rank == 0:
+            print(f"error: {log_path} already exists; choose another RUN_ID (or leave it empty for a timestamped one)",
+                  file=sys.stderr)
+        return 2
     rt = Runtime(args)
-    log = RunLog(os.path.join("logs", f"{args.run_id}.txt") if rt.master else None)
+    log = RunLog(log_path if rt.master else None)
     for name in sorted(SETTING_NAMES):
         log(f"config:{name}={env_form(getattr(args, name.lower()))}")
     source = globals().get("__source__") or Path(code_path).read_text(encoding="utf-8")
@@ -1607,12 +1616,11 @@ def main() -> int:
     try:
         run(args, rt, log, code_bytes)
         return 0
-    except ConfigError as e:
-        log(f"error: {e}") if rt.master else None
-        return 2
-    except RunFailure as e:
-        log(f"error: {e}") if rt.master else None
-        return 1
+    except (ConfigError, RunFailure) as e:
+        if rt.master:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            log(f"error: {e}", console=False)
+        return 2 if isinstance(e, ConfigError) else 1
     finally:
         if rt.distributed:
             dist.destroy_process_group()
