@@ -1,7 +1,7 @@
 """Universal Transformer for the OpenAI Parameter Golf challenge (10 minutes, 16,000,000 bytes).
 
 A few transformer blocks with shared weights run again and again (3 unique blocks x 4 passes give
-12 effective layers), told apart by per-pass iteration embeddings and scales. After training, the
+12 effective layers), distinguished by per-pass iteration embeddings and scales. After training, the
 weights are averaged (EMA/SWA), quantized to int6 with GPTQ, packed with a standard-library codec,
 loaded back into a fresh model and scored by sliding-window bits per byte on the validation split.
 
@@ -260,7 +260,8 @@ class Hyperparameters:
         need(self.max_wallclock_seconds >= 0 and self.quant_time_margin >= 1.0, "MAX_WALLCLOCK_SECONDS must be >= 0 and QUANT_TIME_MARGIN >= 1")
 
     def resolved(self) -> list[str]:
-        return [f"{name}={getattr(self, name.lower())!r}" for name in sorted(SETTING_NAMES)]
+        """`config:NAME=value` lines of every setting, sorted, in the form the environment takes."""
+        return [f"config:{name}={env_form(getattr(self, name.lower()))}" for name in sorted(SETTING_NAMES)]
 
 
 # -----------------------------------------------------------------------------
@@ -540,7 +541,7 @@ class Block(nn.Module):
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(args.model_dim), torch.zeros(args.model_dim))))
 
     def forward(self, x: Tensor, x0: Tensor, layer: dict) -> tuple[Tensor, Tensor]:
-        """Run one effective layer; `layer` holds that layer's own inputs (scales, gates, value extras)."""
+        """Run one effective layer. `layer` contains that layer's own inputs (scales, gates, value extras)."""
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         norm_scale = layer["norm_scale"]
@@ -856,8 +857,8 @@ def quantize_state(model: GPT, hessians: dict[str, Tensor] | None, args: Hyperpa
 
 
 def serialize(entries: dict[str, tuple], args: Hyperparameters) -> bytes:
-    """Header JSON (model settings, tensor table), then all codes, all scales, all float16 values, grouped
-    by kind so the compressor sees similar bytes together."""
+    """Header JSON (model settings, tensor table), then all codes, all scales, all float16 values. Grouping
+    by kind puts similar bytes next to each other, which the compressors exploit."""
     header = {"format": ARTIFACT_FORMAT, "model": {n: getattr(args, n.lower()) for n in MODEL_SETTINGS},
               "tensors": [[name, kind, list(values.shape)] for name, (kind, values, _) in entries.items()]}
     blob = json.dumps(header, separators=(",", ":")).encode()
@@ -918,10 +919,9 @@ def load_artifact(path: str) -> tuple[dict, dict[str, Tensor]]:
 def model_from_artifact(path: str, args: Hyperparameters, device: torch.device) -> tuple[GPT, Hyperparameters]:
     """Build a fresh model with the artifact's own model settings and load its dequantized weights."""
     model_settings, state = load_artifact(path)
-    env = {name: ("1" if value is True else "0" if value is False else str(value)) for name, value in model_settings.items()}
     model_args = copy.copy(args)
-    for name, value in model_settings.items():
-        setattr(model_args, name.lower(), parse_setting(name, env[name], dict((n, d) for n, d, _ in SETTINGS)[name]))
+    for name, value in model_settings.items():  # JSON keeps each setting's type: bool, int, float or str
+        setattr(model_args, name.lower(), value)
     model = GPT(model_args).to(device)
     model.load_state_dict(state, strict=True)
     return model, model_args
@@ -931,14 +931,14 @@ def model_from_artifact(path: str, args: Hyperparameters, device: torch.device) 
 # EVALUATION
 # -----------------------------------------------------------------------------
 # Target t (1 <= t < N) is token t of the validation stream, predicted from tokens [0, t). A window
-# [a, b) of input tokens predicts targets a+1 .. b. Windows end every EVAL_STRIDE targets (the last one
-# at N-1) and each scores only the targets after the previous window's end, so every target is scored
-# exactly once, with at least EVAL_SEQ_LEN - EVAL_STRIDE tokens of context after the first window.
+# [a, b) of input tokens predicts targets a+1 .. b. Windows end every EVAL_STRIDE targets, the last one
+# at N-1. Each scores only the targets after the previous window's end, so every target is scored
+# exactly once. After the first window, each target has at least EVAL_SEQ_LEN - EVAL_STRIDE tokens of context.
 EVAL_PROGRESS_SECONDS = 15.0  # at most one progress line this often
 
 
 class Evaluation:
-    """What every evaluation needs: tokens, byte tables, processes, batch size and the model functions."""
+    """Inputs shared by every evaluation: tokens, byte tables, process rank and count, batch size, log."""
 
     def __init__(self, args: Hyperparameters, tokens: Tensor, byte_tables, rank: int, world: int,
                  device: torch.device, autocast, log=print):
@@ -970,34 +970,41 @@ def model_functions(model: GPT, use_compile: bool):
 @torch.no_grad()
 def evaluate_standard(functions, ev: Evaluation) -> tuple[float, float]:
     """Non-overlapping EVAL_SEQ_LEN windows, then one full-length window ending at the last token that
-    scores only the targets the others left (the tail)."""
+    scores only the targets the others left (the tail). Scores whole windows with the training loss."""
     token_losses = functions[0]
-    tokens, seq = ev.tokens, ev.args.eval_seq_len
-    total = tokens.numel() - 1
-    seq = min(seq, total)
-    full = total // seq
+    total = ev.tokens.numel() - 1
+    seq = min(ev.args.eval_seq_len, total)
+    starts = np.arange(0, total - seq + 1, seq, dtype=np.int64)
+    first_scored = np.zeros_like(starts)
+    if starts[-1] + seq < total:
+        starts = np.append(starts, total - seq)
+        first_scored = np.append(first_scored, starts[-2] + 2 * seq - total)
     loss_sum = torch.zeros((), device=ev.device, dtype=torch.float64)
     count = torch.zeros((), device=ev.device, dtype=torch.long)
     byte_count = torch.zeros_like(count)
-    first, last = full * ev.rank // ev.world, full * (ev.rank + 1) // ev.world
-    for start in range(first, last, ev.batch_windows):
-        end = min(start + ev.batch_windows, last)
-        x = tokens[start * seq : end * seq].view(-1, seq)
-        y = tokens[start * seq + 1 : end * seq + 1].view(-1, seq)
+    first, last = len(starts) * ev.rank // ev.world, len(starts) * (ev.rank + 1) // ev.world
+    for batch_start in range(first, last, ev.batch_windows):
+        index = np.arange(batch_start, min(batch_start + ev.batch_windows, last))
+        ids, scored, _ = padded_batch(ev, starts, first_scored, index, seq)
+        x, y = ids[:, :-1], ids[:, 1:]
         with ev.autocast():
             losses = token_losses(x, y)
-        loss_sum += losses.double().sum()
-        count += y.numel()
-        byte_count += count_bytes(x, y, ev.byte_tables).sum()
-    tail = total - full * seq
-    if tail and ev.rank == ev.world - 1:
-        x, y = tokens[total - seq : total][None], tokens[total - seq + 1 : total + 1][None]
-        with ev.autocast():
-            losses = token_losses(x, y)[:, -tail:]
-        loss_sum += losses.double().sum()
-        count += tail
-        byte_count += count_bytes(x[:, -tail:], y[:, -tail:], ev.byte_tables).sum()
+        loss_sum += losses.double()[scored].sum()
+        count += scored.sum()
+        byte_count += count_bytes(x[scored], y[scored], ev.byte_tables).sum()
     return ev.reduce(loss_sum, count, byte_count)
+
+
+def padded_batch(ev: Evaluation, starts: np.ndarray, first_scored: np.ndarray, index: np.ndarray, seq: int):
+    """Token windows [batch_windows, seq + 1] (inputs and their targets), the mask of scored targets and
+    the targets' positions in the stream. Short batches are padded with copies of their last window that
+    score nothing, so a compiled model always sees one shape."""
+    pad = ev.batch_windows - len(index)
+    batch_starts = torch.from_numpy(np.concatenate((starts[index], np.repeat(starts[index[-1:]], pad)))).to(ev.device)
+    batch_first = torch.from_numpy(np.concatenate((first_scored[index], np.full(pad, seq)))).to(ev.device)
+    positions = batch_starts[:, None] + torch.arange(seq + 1, device=ev.device)
+    scored = positions[:, :seq] - batch_starts[:, None] >= batch_first[:, None]
+    return ev.tokens[positions], scored, positions[:, 1:]
 
 
 def window_plan(total_targets: int, seq_len: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
@@ -1137,20 +1144,15 @@ def evaluate_sliding(functions, model: GPT, ev: Evaluation, stride: int, token_l
     loss_sum = torch.zeros((), device=ev.device, dtype=torch.float64)
     count = torch.zeros((), device=ev.device, dtype=torch.long)
     byte_count = torch.zeros_like(count)
-    offsets = torch.arange(seq, device=ev.device)
     started = last_note = time.perf_counter()
     batches = [(b, min(b + ev.batch_windows, first), False) for b in range(warm_from, first, ev.batch_windows)]
     batches += [(b, min(b + ev.batch_windows, last), True) for b in range(first, last, ev.batch_windows)]
     for batch_first_window, batch_end, scoring in batches:
         index = np.arange(batch_first_window, batch_end)
-        pad = ev.batch_windows - len(index)  # keep one static shape for the compiled trunk
-        batch_starts = torch.from_numpy(np.concatenate((starts[index], np.repeat(starts[index[-1:]], pad)))).to(ev.device)
-        batch_first = torch.from_numpy(np.concatenate((first_scored[index], np.full(pad, seq)))).to(ev.device)
-        ids = tokens[batch_starts[:, None] + offsets]
+        ids, scored, positions = padded_batch(ev, starts, first_scored, index, seq)
         with ev.autocast():
-            hidden = hidden_fn(ids)
-        scored = offsets[None, :] >= batch_first[:, None]
-        targets = (batch_starts[:, None] + 1 + offsets)[scored]
+            hidden = hidden_fn(ids[:, :-1])
+        targets = positions[scored]
         h = hidden[scored].float()
         y = tokens[targets]
         if not scoring:
@@ -1262,8 +1264,14 @@ def build_optimizers(model: GPT, args: Hyperparameters, cuda: bool) -> list[torc
     gains, scales, gates and iteration embeddings (no weight decay)."""
     matrices, tables, head, scalars = [], [], [], []
     for name, p in model.named_parameters():
-        kind = matrices if is_matrix(name, p) else head if name.startswith("lm_head") else tables if is_embedding_table(name) else scalars
-        kind.append(p)
+        if is_matrix(name, p):
+            matrices.append(p)
+        elif name.startswith("lm_head"):
+            head.append(p)
+        elif is_embedding_table(name):
+            tables.append(p)
+        else:
+            scalars.append(p)
     token_lr = args.tied_embed_lr if args.tie_embeddings else args.embed_lr
     groups = [dict(params=tables, lr=token_lr, weight_decay=args.adam_wd), dict(params=scalars, lr=args.scalar_lr, weight_decay=0.0)]
     if head:
@@ -1376,8 +1384,8 @@ def train(args: Hyperparameters, rt: Runtime, log: RunLog, train_files: list[str
     optimizers = build_optimizers(model, args, rt.device.type == "cuda")
     params = list(model.parameters())
 
-    # Warm-up steps compile the step and time the quantization path; the weights, optimizer states and
-    # data stream are then put back, so training starts from the true initialization.
+    # Warm-up steps compile the training step. Then the weights, optimizer states and data stream are put
+    # back, so training starts from the true initialization, and the quantization path is timed.
     initial_state = copy.deepcopy(model.state_dict())
     initial_optimizers = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
     loader = TrainLoader(train_files, rt.rank, rt.world, rt.device)
@@ -1401,7 +1409,7 @@ def train(args: Hyperparameters, rt: Runtime, log: RunLog, train_files: list[str
 
     def lr_scale(step: int, elapsed_ms: float) -> float:
         """Linear warm-down to zero over the last WARMDOWN_ITERS steps, or over the time they are expected to
-        take; a run shorter than that decays over its whole length."""
+        take. A run shorter than that decays over its whole length."""
         if args.warmdown_iters <= 0:
             return 1.0
         if budget_ms is None:
@@ -1567,8 +1575,8 @@ def log_compliance(log: RunLog, train_quant_s: float | None, eval_s: float, tota
             f"status:{mark(train_quant_s <= CHALLENGE_SECONDS)}")
     log(f"compliance:eval seconds:{eval_s:.1f} limit:{CHALLENGE_SECONDS:.0f} status:{mark(eval_s <= CHALLENGE_SECONDS)}")
     log(f"compliance:bytes_total bytes:{total_bytes} limit:{CHALLENGE_BYTES} status:{mark(total_bytes <= CHALLENGE_BYTES)}")
-    # Validation tokens are only ever read by the evaluation functions, and reading them while the
-    # artifact is built raises; in-training reports (VAL_LOSS_EVERY) are scoring passes that change no weight.
+    # Only the evaluation functions read validation tokens, and a read while the artifact is built raises.
+    # In-training reports (VAL_LOSS_EVERY) are scoring passes that change no weight.
     log(f"compliance:validation_before_scoring reads_for_weights:0 training_reports:{val_reports} status:pass")
 
 
@@ -1585,7 +1593,7 @@ def main() -> int:
     code_bytes = os.path.getsize(code_path)
     if args.dry_run:
         model = GPT(args)
-        for line in [f"config:{name}={env_form(getattr(args, name.lower()))}" for name in sorted(SETTING_NAMES)] + describe_model(args, model):
+        for line in args.resolved() + describe_model(args, model):
             print(line)
         estimate = payload_estimate(model)
         print(f"artifact_estimate model_bytes_before_compression:{estimate} code_bytes:{code_bytes} "
@@ -1600,8 +1608,8 @@ def main() -> int:
         return 2
     rt = Runtime(args)
     log = RunLog(log_path if rt.master else None)
-    for name in sorted(SETTING_NAMES):
-        log(f"config:{name}={env_form(getattr(args, name.lower()))}")
+    for line in args.resolved():
+        log(line)
     source = globals().get("__source__") or Path(code_path).read_text(encoding="utf-8")
     log(f"run_id:{args.run_id} log:logs/{args.run_id}.txt python:{sys.version.split()[0]} torch:{torch.__version__} "
         f"device:{rt.device.type} world_size:{rt.world} grad_accum_steps:{rt.accum} compile:{int(rt.compile)} "

@@ -115,4 +115,5 @@ def test_resolved_configuration_is_sorted_and_complete():
     lines = Hyperparameters({"SEED": "5"}).resolved()
     assert len(lines) == len(train_gpt.SETTING_NAMES)
     assert lines == sorted(lines)
-    assert "SEED=5" in lines
+    assert "config:SEED=5" in lines
+    assert "config:TIE_EMBEDDINGS=1" in lines  # booleans in the 0/1 form the environment takes
