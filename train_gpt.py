@@ -1026,8 +1026,8 @@ class NgramCache:
     2 .. NGRAM_ORDER. Contexts of one token index the table directly, longer ones are hashed into
     NGRAM_BUCKETS rows. The distribution backs off to the longest context seen before."""
 
-    def __init__(self, args: Hyperparameters, device: torch.device):
-        self.vocab, self.buckets = args.vocab_size, args.ngram_buckets
+    def __init__(self, args: Hyperparameters, vocab: int, device: torch.device):
+        self.vocab, self.buckets = vocab, args.ngram_buckets
         self.orders = list(range(args.ngram_order, 1, -1))
         self.tables = {n: torch.zeros(self.vocab if n == 2 else self.buckets, self.vocab, device=device) for n in self.orders}
 
@@ -1075,9 +1075,9 @@ class KnnCache:
     """kNN-LM datastore: final hidden states of scored targets and the tokens that followed. Target t
     searches the targets in [t - KNN_STORE, t) and weights its KNN_K nearest by softmax(-d^2 / KNN_TEMP)."""
 
-    def __init__(self, args: Hyperparameters, vocab: int, device: torch.device):
+    def __init__(self, args: Hyperparameters, vocab: int, dim: int, device: torch.device):
         self.k, self.temp, self.store, self.vocab = args.knn_k, args.knn_temp, args.knn_store, vocab
-        self.keys = torch.zeros(0, args.model_dim, device=device)
+        self.keys = torch.zeros(0, dim, device=device)
         self.values = torch.zeros(0, dtype=torch.long, device=device)
         self.positions = torch.zeros(0, dtype=torch.long, device=device)
 
@@ -1132,8 +1132,9 @@ def evaluate_sliding(functions, model: GPT, ev: Evaluation, stride: int, token_l
     seq = min(args.eval_seq_len, total)
     first, last = len(starts) * ev.rank // ev.world, len(starts) * (ev.rank + 1) // ev.world
     first_target = int(starts[first] + first_scored[first]) + 1 if first < last else 1
-    ngram = NgramCache(args, ev.device) if args.ngram_eval else None
-    knn = KnnCache(args, args.vocab_size, ev.device) if args.knn_lambda > 0 else None
+    vocab, dim = model.tok_emb.weight.shape  # the scored model's, which EVAL_ONLY reads from the artifact
+    ngram = NgramCache(args, vocab, ev.device) if args.ngram_eval else None
+    knn = KnnCache(args, vocab, dim, ev.device) if args.knn_lambda > 0 else None
     if ngram is not None:
         for chunk in range(1, first_target, 1 << 20):
             ngram.add(tokens, torch.arange(chunk, min(chunk + (1 << 20), first_target), device=ev.device))
@@ -1482,7 +1483,10 @@ def load_weights(params: list[Tensor], values: list[Tensor]) -> None:
 def score_artifact(args: Hyperparameters, rt: Runtime, log: RunLog, ev: Evaluation) -> float:
     """Load the artifact file into a fresh model, log its standard and sliding-window scores; return seconds spent."""
     started = time.perf_counter()
-    model, _ = model_from_artifact(args.artifact_path, args, rt.device)
+    model, model_args = model_from_artifact(args.artifact_path, args, rt.device)
+    if model_args.vocab_size != ev.byte_tables[0].numel():
+        raise ConfigError(f"the artifact's VOCAB_SIZE={model_args.vocab_size} differs from the tokenizer's "
+                          f"{ev.byte_tables[0].numel()} pieces; use the TOKENIZER_PATH it was trained with")
     model.eval()
     functions = model_functions(model, rt.compile)
     for label, run in (("roundtrip", lambda: evaluate_standard(functions, ev)),
@@ -1623,6 +1627,9 @@ def main() -> int:
     log("source_end", console=False)
     try:
         run(args, rt, log, code_bytes)
+        # Every process finishes its collectives before any tears the group down; without this, gloo
+        # worker threads can still be running at exit and abort the process.
+        rt.barrier()
         return 0
     except (ConfigError, RunFailure) as e:
         if rt.master:
@@ -1635,4 +1642,12 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    if "RANK" in os.environ:
+        # Under torchrun, leave without interpreter teardown: gloo's worker threads can abort a process
+        # there ("terminate called without an active exception") after a successful run. Every log line
+        # is already on disk, because each write opens and closes the file.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code)
+    sys.exit(exit_code)

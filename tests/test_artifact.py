@@ -213,6 +213,36 @@ def train_gpt_tokenizer():
     return TOKENIZER
 
 
+@pytest.mark.parametrize("caches", [{}, {"NGRAM_EVAL": "1", "NGRAM_BUCKETS": "1024", "KNN_LAMBDA": "0.2", "KNN_STORE": "500"}])
+def test_two_processes_score_like_one(trained_run, tiny_data, caches):
+    folder, _ = trained_run
+    env = tiny_env(tiny_data, EVAL_ONLY="1", ARTIFACT_PATH=str(folder / "artifacts" / "tiny.int6.ptz"), EVAL_STRIDE="16",
+                   **caches)
+    tag = "caches" if caches else "plain"
+    single = run_script(folder, dict(env, RUN_ID=f"one_{tag}"))
+    double = run_script(folder, dict(env, RUN_ID=f"two_{tag}"), nproc=2)
+    assert single.returncode == 0, single.stderr
+    assert double.returncode == 0, double.stderr
+    assert "world_size:2" in log_lines(double, "run_id:")[0]
+    for label in ("final_int6_sliding_window_exact", "final_int6_roundtrip_exact"):
+        one, two = log_lines(single, label)[0], log_lines(double, label)[0]
+        for key in ("val_loss", "val_bpb"):
+            assert float(field(two, key)) == pytest.approx(float(field(one, key)), abs=1e-6)
+
+
+def test_eval_only_takes_model_shape_from_artifact(trained_run, tiny_data):
+    # The environment says nothing of the model (MODEL_DIM defaults to 512); the artifact's 32 must win,
+    # for the model and for the kNN datastore built from its hidden states.
+    folder, _ = trained_run
+    env = {"EVAL_ONLY": "1", "ARTIFACT_PATH": str(folder / "artifacts" / "tiny.int6.ptz"), "RUN_ID": "shape_from_artifact",
+           "DATA_PATH": str(tiny_data), "TOKENIZER_PATH": str(train_gpt_tokenizer()), "EVAL_SEQ_LEN": "64",
+           "EVAL_STRIDE": "32", "VAL_BATCH_SIZE": "8192", "KNN_LAMBDA": "0.2", "KNN_STORE": "300", "NGRAM_EVAL": "1",
+           "NGRAM_BUCKETS": "1024"}
+    result = run_script(folder, env)
+    assert result.returncode == 0, result.stderr
+    assert len(log_lines(result, "final_int6_sliding_window_exact")) == 1
+
+
 def test_eval_only_needs_an_artifact(tmp_path, tiny_data):
     result = run_script(tmp_path, tiny_env(tiny_data, EVAL_ONLY="1", ARTIFACT_PATH=str(tmp_path / "missing.ptz")))
     assert result.returncode == 2

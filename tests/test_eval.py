@@ -162,8 +162,8 @@ def dense_mixture(logp, caches):
 
 def cache_for(kind: str, args, tokens, targets, hidden):
     if kind == "ngram":
-        return NgramCache(args, torch.device("cpu")).score(tokens, targets)
-    return KnnCache(args, 1024, torch.device("cpu")).score(hidden, targets, tokens[targets])
+        return NgramCache(args, 1024, torch.device("cpu")).score(tokens, targets)
+    return KnnCache(args, 1024, args.model_dim, torch.device("cpu")).score(hidden, targets, tokens[targets])
 
 
 @pytest.mark.parametrize("kind", ["ngram", "knn"])
@@ -193,7 +193,7 @@ def test_ngram_counts_by_hand():
     args = Hyperparameters({"NGRAM_ORDER": "3", "NGRAM_BUCKETS": "64"})
     # Stream: BOS 7 8 7 8 7 9. Target 5 (token 7) follows context (7, 8) seen once before, followed by 7.
     tokens = torch.tensor([BOS_ID, 7, 8, 7, 8, 7, 9])
-    rows, found = NgramCache(args, torch.device("cpu")).score(tokens, torch.arange(1, 7))
+    rows, found = NgramCache(args, 1024, torch.device("cpu")).score(tokens, torch.arange(1, 7))
     assert found.tolist() == [False, False, False, True, True, True]
     assert rows[3, 8].item() == 1.0  # target 4 (8): context (8, 7) never seen, bigram 7 -> 8 seen once
     assert rows[4, 7].item() == 1.0  # target 5: trigram (7, 8) -> 7 seen once
@@ -227,7 +227,7 @@ def test_weight_zero_gives_plain_score(val_tokens, tables, flags):
     _, mixed_args = small_model(**flags)
     if "KNN_LAMBDA" in flags:
         mixed_args.knn_lambda = 0.0  # KNN_LAMBDA=0 turns the cache off; weight it zero with the cache running
-        knn = KnnCache(mixed_args, 1024, torch.device("cpu"))
+        knn = KnnCache(mixed_args, 1024, 32, torch.device("cpu"))
         logp = torch.log_softmax(torch.randn(50, 1024), dim=-1)
         y = torch.randint(0, 1024, (50,))
         rows, found = knn.score(torch.randn(50, 32), torch.arange(1, 51), y)
