@@ -1460,7 +1460,7 @@ def train(args: Hyperparameters, rt: Runtime, log: RunLog, train_files: list[str
                 f"step_avg:{elapsed_ms / step:.2f}ms")
     rt.sync()
     train_ms += 1000.0 * (time.perf_counter() - t0)
-    check_finite(loss if step else torch.zeros(()), bad_step, rt)
+    check_finite(loss if step else torch.zeros((), device=rt.device), bad_step, rt)
     log(f"stop_reason:{stop_reason or 'iterations'} step:{step}/{args.iterations} train_time:{train_ms:.0f}ms "
         f"step_avg:{train_ms / max(step, 1):.2f}ms")
     if rt.device.type == "cuda":
