@@ -1565,6 +1565,7 @@ def run(args: Hyperparameters, rt: Runtime, log: RunLog, code_bytes: int) -> Non
             val_loss, val_bpb = evaluate_standard(functions, ev)
             log(f"prequant_{name} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
                 f"eval_time:{1000 * (time.perf_counter() - t0):.0f}ms{' final' if name == args.final_weights else ''}")
+            log(f"prequant_{name}_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
     eval_s = score_artifact(args, rt, log, ev)
     log_compliance(log, train_s + quant_s, eval_s, total, result["val_reports"])
 

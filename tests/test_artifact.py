@@ -173,7 +173,9 @@ def test_run_logs_every_stage(trained_run):
     assert log_lines(result, "final_weights:ema")
     assert log_lines(result, "final_weights:ema ema_decay:0.997 swa_snapshots:2")  # steps 4 and 6 of the warm-down
     prequant = {line.split()[0]: line for line in log_lines(result, "prequant_")}
-    assert set(prequant) == {"prequant_raw", "prequant_ema", "prequant_swa"}
+    assert set(prequant) == {"prequant_raw", "prequant_ema", "prequant_swa", "prequant_raw_exact", "prequant_ema_exact",
+                             "prequant_swa_exact"}
+    assert round(float(field(prequant["prequant_ema_exact"], "val_bpb")), 4) == float(field(prequant["prequant_ema"], "val_bpb"))
     assert prequant["prequant_ema"].endswith(" final")
     sizes = log_lines(result, "artifact:")[0]
     model_bytes = int(field(sizes, "model_bytes"))
