@@ -156,7 +156,7 @@ def parse_setting(name: str, raw: str, default: object) -> object:
         return type(default)(raw)
     except ValueError:
         kind = "0 or 1" if isinstance(default, bool) else type(default).__name__
-        raise ConfigError(f"{name}={raw!r} is not a valid {kind}; the default is {default!r}") from None
+        raise ConfigError(f"{name}={raw!r} is not a valid {kind}; the default is {env_form(default)}") from None
 
 
 def edit_distance(a: str, b: str) -> int:
@@ -346,7 +346,12 @@ def build_byte_tables(tokenizer_path: str, vocab_size: int) -> tuple[Tensor, Ten
     """
     import sentencepiece as spm
 
-    sp = spm.SentencePieceProcessor(model_file=tokenizer_path)
+    if not os.path.isfile(tokenizer_path):
+        raise ConfigError(f"TOKENIZER_PATH={tokenizer_path} is not a file; point it at the SentencePiece .model that made the shards")
+    try:
+        sp = spm.SentencePieceProcessor(model_file=tokenizer_path)
+    except (RuntimeError, OSError) as e:
+        raise ConfigError(f"TOKENIZER_PATH={tokenizer_path} is not a SentencePiece model that loads ({e})") from None
     if sp.vocab_size() != vocab_size:
         raise ConfigError(f"tokenizer {tokenizer_path} has {sp.vocab_size()} pieces but VOCAB_SIZE={vocab_size}; "
                           f"set VOCAB_SIZE={sp.vocab_size()} or use the matching TOKENIZER_PATH")
@@ -1468,7 +1473,7 @@ def train(args: Hyperparameters, rt: Runtime, log: RunLog, train_files: list[str
             f"reserved:{torch.cuda.max_memory_reserved() // 2**20}MiB")
     if averages.swa_count == 0:
         averages.add_snapshot(params)
-        log("swa_snapshots:0 (warm-down never reached a snapshot step; SWA is the final weights)")
+        log("swa_note: the warm-down reached no snapshot step, so SWA is the final weights alone")
     weights = {"raw": [p.detach().clone() for p in params], "ema": averages.ema, "swa": averages.swa()}
     return dict(model=model, weights=weights, steps=step, train_ms=train_ms, swa_count=averages.swa_count,
                 eval_functions=eval_functions, val_reports=val_reports)
@@ -1484,6 +1489,7 @@ def score_artifact(args: Hyperparameters, rt: Runtime, log: RunLog, ev: Evaluati
     """Load the artifact file into a fresh model, log its standard and sliding-window scores; return seconds spent."""
     started = time.perf_counter()
     model, model_args = model_from_artifact(args.artifact_path, args, rt.device)
+    log("artifact_model " + " ".join(f"{name}={env_form(getattr(model_args, name.lower()))}" for name in MODEL_SETTINGS))
     if model_args.vocab_size != ev.byte_tables[0].numel():
         raise ConfigError(f"the artifact's VOCAB_SIZE={model_args.vocab_size} differs from the tokenizer's "
                           f"{ev.byte_tables[0].numel()} pieces; use the TOKENIZER_PATH it was trained with")

@@ -243,6 +243,7 @@ def test_eval_only_takes_model_shape_from_artifact(trained_run, tiny_data):
     result = run_script(folder, env)
     assert result.returncode == 0, result.stderr
     assert len(log_lines(result, "final_int6_sliding_window_exact")) == 1
+    assert " MODEL_DIM=32 " in log_lines(result, "artifact_model ")[0]
 
 
 def test_eval_only_needs_an_artifact(tmp_path, tiny_data):

@@ -37,6 +37,11 @@ def test_boolean_rejects_other_text(raw):
         Hyperparameters({"TIE_EMBEDDINGS": raw})
 
 
+def test_boolean_error_shows_environment_form():
+    with pytest.raises(ConfigError, match="QK_NORM='yes' is not a valid 0 or 1; the default is 1"):
+        Hyperparameters({"QK_NORM": "yes"})
+
+
 def test_number_rejects_text():
     with pytest.raises(ConfigError, match=r"MODEL_DIM='wide' is not a valid int"):
         Hyperparameters({"MODEL_DIM": "wide"})

@@ -53,6 +53,16 @@ def test_truncated_shard(tmp_path, tiny_data):
     assert_stopped_before_training(result, "fineweb_val_000000.bin", "truncated")
 
 
+@pytest.mark.parametrize("kind", ["missing", "not_a_model"])
+def test_unusable_tokenizer(tmp_path, tiny_data, kind):
+    path = tmp_path / "tokenizer.model"
+    if kind == "not_a_model":
+        path.write_bytes(b"not a sentencepiece model")
+    result = run_script(tmp_path, tiny_env(tiny_data, TOKENIZER_PATH=str(path)))
+    assert_stopped_before_training(result, f"TOKENIZER_PATH={path}")
+    assert result.returncode == 2
+
+
 def test_tokenizer_vocabulary_mismatch(tmp_path, tiny_data):
     result = run_script(tmp_path, tiny_env(tiny_data, VOCAB_SIZE="2048"))
     assert_stopped_before_training(result, "has 1024 pieces but VOCAB_SIZE=2048", "set VOCAB_SIZE=1024")
