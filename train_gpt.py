@@ -1003,7 +1003,7 @@ def evaluate_standard(functions, ev: Evaluation) -> tuple[float, float]:
 def padded_batch(ev: Evaluation, starts: np.ndarray, first_scored: np.ndarray, index: np.ndarray, seq: int):
     """Token windows [batch_windows, seq + 1] (inputs and their targets), the mask of scored targets and
     the targets' positions in the stream. Short batches are padded with copies of their last window that
-    score nothing, so a compiled model always sees one shape."""
+    score nothing, so a compiled model always gets one shape."""
     pad = ev.batch_windows - len(index)
     batch_starts = torch.from_numpy(np.concatenate((starts[index], np.repeat(starts[index[-1:]], pad)))).to(ev.device)
     batch_first = torch.from_numpy(np.concatenate((first_scored[index], np.full(pad, seq)))).to(ev.device)
@@ -1634,8 +1634,8 @@ def main() -> int:
     log("source_end", console=False)
     try:
         run(args, rt, log, code_bytes)
-        # Every process finishes its collectives before any tears the group down; without this, gloo
-        # worker threads can still be running at exit and abort the process.
+        # Every process finishes its collectives before any tears the group down. Otherwise gloo worker
+        # threads can still be running at exit and abort the process.
         rt.barrier()
         return 0
     except (ConfigError, RunFailure) as e:

@@ -11,7 +11,7 @@ import train_gpt
 from train_gpt import (GPT, INT6_MAX, Hyperparameters, WeightAverages, collect_hessians, compress_best, deserialize,
                        gptq, quantize_state, round_to_nearest, row_scales, serialize)
 
-from conftest import field, log_lines, run_script, tiny_env
+from conftest import TOKENIZER, field, log_lines, run_script, tiny_env
 
 
 def test_ema_by_hand():
@@ -158,7 +158,7 @@ def test_smallest_codec_is_chosen():
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, tiny_data):
-    """One tiny CPU run of the whole pipeline; its folder holds logs/ and artifacts/."""
+    """One tiny CPU run of the whole pipeline. Its folder contains logs/ and artifacts/."""
     folder = tmp_path_factory.mktemp("trained_run")
     result = run_script(folder, tiny_env(tiny_data, ITERATIONS="6", RUN_ID="tiny", PREQUANT_EVAL="1",
                                          WARMDOWN_ITERS="4", SWA_EVERY="2", NGRAM_EVAL="1", NGRAM_BUCKETS="1024"))
@@ -193,13 +193,11 @@ def test_run_logs_every_stage(trained_run):
     assert [line.split()[-1] for line in log_lines(result, "compliance:")] == ["status:pass"] * 4
 
 
-def test_eval_only_reproduces_the_score(trained_run):
+def test_eval_only_reproduces_the_score(trained_run, tiny_data):
     folder, result = trained_run
     again = run_script(folder, {"EVAL_ONLY": "1", "ARTIFACT_PATH": str(folder / "artifacts" / "tiny.int6.ptz"),
-                                "RUN_ID": "tiny_eval", "DATA_PATH": dict(arg.split("=", 1) for arg in
-                                log_lines(result, "config:DATA_PATH="))["config:DATA_PATH"],
-                                "TOKENIZER_PATH": str(train_gpt_tokenizer()), "EVAL_SEQ_LEN": "64",
-                                "EVAL_STRIDE": "32", "VAL_BATCH_SIZE": "8192", "NGRAM_EVAL": "1",
+                                "RUN_ID": "tiny_eval", "DATA_PATH": str(tiny_data), "TOKENIZER_PATH": str(TOKENIZER),
+                                "EVAL_SEQ_LEN": "64", "EVAL_STRIDE": "32", "VAL_BATCH_SIZE": "8192", "NGRAM_EVAL": "1",
                                 "NGRAM_BUCKETS": "1024"})
     assert again.returncode == 0, again.stderr
     for label in ("roundtrip", "sliding_window"):
@@ -207,12 +205,6 @@ def test_eval_only_reproduces_the_score(trained_run):
         assert log_lines(again, line) == log_lines(result, line)
         assert log_lines(again, line)
     assert not log_lines(again, "step:")
-
-
-def train_gpt_tokenizer():
-    from conftest import TOKENIZER
-
-    return TOKENIZER
 
 
 @pytest.mark.parametrize("caches", [{}, {"NGRAM_EVAL": "1", "NGRAM_BUCKETS": "1024", "KNN_LAMBDA": "0.2", "KNN_STORE": "500"}])
@@ -233,11 +225,11 @@ def test_two_processes_score_like_one(trained_run, tiny_data, caches):
 
 
 def test_eval_only_takes_model_shape_from_artifact(trained_run, tiny_data):
-    # The environment says nothing of the model (MODEL_DIM defaults to 512); the artifact's 32 must win,
+    # The environment sets no model shape (MODEL_DIM defaults to 512), so the artifact's 32 must win,
     # for the model and for the kNN datastore built from its hidden states.
     folder, _ = trained_run
     env = {"EVAL_ONLY": "1", "ARTIFACT_PATH": str(folder / "artifacts" / "tiny.int6.ptz"), "RUN_ID": "shape_from_artifact",
-           "DATA_PATH": str(tiny_data), "TOKENIZER_PATH": str(train_gpt_tokenizer()), "EVAL_SEQ_LEN": "64",
+           "DATA_PATH": str(tiny_data), "TOKENIZER_PATH": str(TOKENIZER), "EVAL_SEQ_LEN": "64",
            "EVAL_STRIDE": "32", "VAL_BATCH_SIZE": "8192", "KNN_LAMBDA": "0.2", "KNN_STORE": "300", "NGRAM_EVAL": "1",
            "NGRAM_BUCKETS": "1024"}
     result = run_script(folder, env)
@@ -260,7 +252,8 @@ def test_rounding_fallback_and_size_limit(tmp_path, tiny_data):
     assert len(errors) == 1
     assert "over ARTIFACT_LIMIT_BYTES=50000" in errors[0]
     artifact = tmp_path / "artifacts" / "small_limit.int6.ptz"
-    assert artifact.is_file() and artifact.stat().st_size > 0
+    assert artifact.is_file()
+    assert artifact.stat().st_size > 0
     log = (tmp_path / "logs" / "small_limit.txt").read_text()
     assert errors[0] in log
     assert "final_int6_roundtrip" not in log

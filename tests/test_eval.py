@@ -53,7 +53,8 @@ def test_every_target_scored_once(total, seq, stride):
     length = min(seq, total)
     counts = np.zeros(total + 1, dtype=int)
     for start, first in zip(starts, first_scored):
-        assert 0 <= start and start + length <= total  # inputs end before the last token
+        assert start >= 0
+        assert start + length <= total  # inputs end before the last token
         assert 0 <= first < length
         counts[start + 1 + first : start + 1 + length] += 1
     assert counts[0] == 0
